@@ -1,0 +1,136 @@
+"""The language-model trainer end to end on real PTB: learning, data parallelism, exact resume, config errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsparse import corpora
+from jaxsparse import train as lm_train
+from jaxsparse.configs import egru_ptb, lstm_wt2
+from trainkit import mesh as mesh_lib
+
+
+def tiny_config(data_root, cell="egru", max_steps=6):
+  config = egru_ptb.get_config("cpu")
+  config.model.cell = cell
+  config.model.embedding_size = 16
+  config.model.hidden_sizes = (24, 24, 16)
+  config.data.data_root = str(data_root)
+  config.data.batch_size = config.data.eval_batch_size = 8
+  config.data.bptt = 12
+  config.data.length_quantum = 4
+  config.optim.max_steps = max_steps
+  config.train.log_every_steps = 3
+  config.train.checkpoint_every_steps = 4
+  config.train.test_at_end = False
+  config.train.progress_bar = False
+  config.train.num_devices = 1
+  return config
+
+
+@pytest.fixture(scope="module")
+def ptb(data_root):
+  return corpora.load_corpus("ptb", data_root)
+
+
+def test_configs_select_the_reference_recipes():
+  ptb_config, wt2_config = egru_ptb.get_config(), lstm_wt2.get_config()
+  assert ptb_config.model.hidden_sizes == (1350, 1350, 750) and ptb_config.data.batch_size == 64
+  assert (wt2_config.model.cell, wt2_config.data.corpus, wt2_config.optim.learning_rate) == ("lstm", "wikitext-2", 1e-3)
+  assert wt2_config.model.embedding_dropout == 0.7 and wt2_config.optim.cosine_start_epoch == 400
+  cpu = egru_ptb.get_config("cpu")
+  assert (cpu.model.embedding_size, cpu.model.hidden_sizes) == (256, (512, 512, 256))
+  with pytest.raises(ValueError, match="Unknown config variant 'gpu'"):
+    egru_ptb.get_config("gpu")
+
+
+def test_learning_rate_schedule():
+  config = egru_ptb.get_config()
+  base = config.optim.learning_rate
+  assert lm_train.learning_rate(config, 10.0, 70) == pytest.approx(base)
+  assert lm_train.learning_rate(config, 10.0, 35) == pytest.approx(base / 2)
+  assert lm_train.learning_rate(config, 850.0, 70) == pytest.approx(base / 2)
+  assert lm_train.learning_rate(config, 1000.0, 70) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_weight_decay_skips_thresholds(data_root, ptb):
+  config = tiny_config(data_root)
+  config.model.trainable_thresholds = True
+  config.optim.weight_decay = 0.5
+  trainer = lm_train.Trainer(config, ptb.vocab_size, mesh_lib.make_data_mesh(1))
+  state = trainer.init_state()
+  zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+  updates, _ = trainer.tx.update(zeros, state["opt_state"], state["trainable"])
+  for p, u in zip(jax.tree.leaves(state["trainable"]["params"]), jax.tree.leaves(updates["params"])):
+    np.testing.assert_allclose(u, 0.5 * p, rtol=1e-6)
+  assert all(not np.any(u) for u in jax.tree.leaves(updates["thresholds"]))
+
+
+@pytest.mark.parametrize("cell", ["egru", "lstm"])
+def test_four_devices_give_the_same_loss_as_one(data_root, ptb, cell):
+  assert len(jax.devices()) >= 4, "conftest sets 4 simulated CPU devices"
+  config = tiny_config(data_root, cell)
+  stream = corpora.batchify(ptb.train, config.data.batch_size)
+  inputs, targets = stream[:, :12], stream[:, 1:13]
+  results = []
+  for devices in (1, 4):
+    mesh = mesh_lib.make_data_mesh(devices)
+    trainer = lm_train.Trainer(config, ptb.vocab_size, mesh)
+    state = trainer.init_state()
+    losses = []
+    for _ in range(2):
+      batch = mesh_lib.put_batch((inputs, targets), mesh)
+      state, metrics = trainer.train_step(state, *batch, jnp.float32(1e-3))
+      losses.append(float(metrics["nll"]))
+    assert len(state["carry"][0][0].sharding.device_set) == devices
+    results.append(losses)
+  np.testing.assert_allclose(results[0], results[1], rtol=2e-5)
+
+
+def _final_params(workdir, config, vocab_size):
+  trainer = lm_train.Trainer(config, vocab_size, mesh_lib.make_data_mesh(1))
+  from trainkit.checkpoint import Checkpointer
+  state, meta = Checkpointer(workdir / "checkpoints").restore_latest(trainer.init_state())
+  return state, meta
+
+
+def test_training_learns_and_an_interrupted_run_resumes_exactly(data_root, ptb, tmp_path, monkeypatch):
+  config = tiny_config(data_root, max_steps=10)
+  config.optim.learning_rate = 0.03
+  results = lm_train.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert results["step"] == 10
+  assert results["valid"]["ppl"] < 0.5 * ptb.vocab_size, "10 steps must beat a uniform guess clearly"
+  assert 0.0 < results["valid"]["activity/mean"] < 1.0
+  macs = results["valid"]["macs"]
+  assert macs["macs_per_token"]["exact"] < macs["macs_per_token"]["dense"]
+  assert json.loads((tmp_path / "straight" / "results.json").read_text())["step"] == 10
+
+  calls = {"n": 0}
+  real_step = lm_train.Trainer.__init__
+
+  def crashing_init(self, *args, **kwargs):
+    real_step(self, *args, **kwargs)
+    step = self.train_step
+
+    def train_step(*a, **k):
+      calls["n"] += 1
+      if calls["n"] == 7:
+        raise KeyboardInterrupt("killed")
+      return step(*a, **k)
+    self.train_step = train_step
+
+  monkeypatch.setattr(lm_train.Trainer, "__init__", crashing_init)
+  with pytest.raises(KeyboardInterrupt):
+    lm_train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.undo()
+  resumed = lm_train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed["step"] == 10
+  straight_state, straight_meta = _final_params(tmp_path / "straight", config, ptb.vocab_size)
+  resumed_state, resumed_meta = _final_params(tmp_path / "resumed", config, ptb.vocab_size)
+  for a, b in zip(jax.tree.leaves(straight_state), jax.tree.leaves(resumed_state)):
+    np.testing.assert_array_equal(a, b)
+  assert straight_meta["windows"] == resumed_meta["windows"]
+  assert resumed["valid"]["nll"] == results["valid"]["nll"]

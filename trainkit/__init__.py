@@ -1,0 +1,1 @@
+"""Training infrastructure shared by jaxsparse and jaxldm: data root, mesh, checkpoints, metrics."""
