@@ -23,7 +23,7 @@ TASKS = {
     "autoencoder": "jaxldm.train",
     "latent_diffusion": "jaxldm.train",
     "pixel_diffusion": "jaxldm.train",
-    "critic": "jaxldm.train",
+    "critic": "jaxldm.train_critic",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.",

@@ -205,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   max_steps = config.optim.max_steps if config.optim.max_steps > 0 else None
-  estimated_total = max_steps or config.optim.epochs * windows.windows_per_epoch()
+  estimated_total = max_steps or int(config.optim.epochs * windows.windows_per_epoch())
   step = int(state["step"])
   writer = MetricWriter(workdir_path, estimated_total, step, progress=config.train.progress_bar)
   batch_sharding = mesh_lib.batch_sharded(mesh)

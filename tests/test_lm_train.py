@@ -19,7 +19,8 @@ def tiny_config(data_root, cell="egru", max_steps=6):
   config.model.embedding_size = 16
   config.model.hidden_sizes = (24, 24, 16)
   config.data.data_root = str(data_root)
-  config.data.batch_size = config.data.eval_batch_size = 8
+  config.data.batch_size = 8
+  config.data.eval_batch_size = 64
   config.data.bptt = 12
   config.data.length_quantum = 4
   config.optim.max_steps = max_steps
@@ -134,3 +135,37 @@ def test_training_learns_and_an_interrupted_run_resumes_exactly(data_root, ptb, 
     np.testing.assert_array_equal(a, b)
   assert straight_meta["windows"] == resumed_meta["windows"]
   assert resumed["valid"]["nll"] == results["valid"]["nll"]
+
+
+def test_fine_tuning_a_checkpoint_with_pruning_keeps_the_target_sparsity(data_root, ptb, tmp_path):
+  dense_config = tiny_config(data_root, max_steps=4)
+  lm_train.train_and_evaluate(dense_config, str(tmp_path / "dense"))
+  config = tiny_config(data_root, max_steps=5)
+  config.train.init_from = str(tmp_path / "dense")
+  config.pruning.method = "gradual"
+  config.pruning.target_sparsity = 0.8
+  config.pruning.end_step = 2
+  config.pruning.frequency = 1
+  results = lm_train.train_and_evaluate(config, str(tmp_path / "pruned"))
+  assert results["step"] == 5
+  for name, sparsity in results["weight_sparsity"]["per_matrix"].items():
+    assert sparsity == pytest.approx(0.8, abs=0.01), name
+  macs = results["valid"]["macs"]
+  assert macs["weight_sparsity"]["layer1/R"] == pytest.approx(0.8, abs=0.01)
+  assert macs["macs_per_token"]["exact"] < 0.5 * macs["macs_per_token"]["dense"]
+
+  state, _ = _final_params(tmp_path / "pruned", config, ptb.vocab_size)
+  dense_state, _ = _final_params(tmp_path / "dense", dense_config, ptb.vocab_size)
+  layer = state["trainable"]["params"]["rnn"]["layers"][0]
+  dense_layer = dense_state["trainable"]["params"]["rnn"]["layers"][0]
+  kept = np.asarray(layer["W"]) != 0
+  assert abs(kept.mean() - 0.2) < 0.01
+  # Magnitude pruning keeps the large weights of the dense starting point.
+  assert np.abs(np.asarray(dense_layer["W"]))[kept].mean() > np.abs(np.asarray(dense_layer["W"]))[~kept].mean()
+
+
+def test_init_from_without_checkpoint_is_a_clear_error(data_root, tmp_path):
+  config = tiny_config(data_root)
+  config.train.init_from = str(tmp_path / "nothing")
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    lm_train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -59,8 +59,8 @@ def get_lm_config(cell: str, corpus: str, variant: str | None) -> ml_collections
   c.optim.b2 = 0.999
   c.optim.weight_decay = recipe["weight_decay"]
   c.optim.grad_clip = 0.1
-  c.optim.epochs = recipe["epochs"]
-  c.optim.cosine_start_epoch = recipe["cosine_start_epoch"]
+  c.optim.epochs = float(recipe["epochs"])
+  c.optim.cosine_start_epoch = float(recipe["cosine_start_epoch"])
   c.optim.max_steps = -1  # > 0 stops early (smoke tests, benchmarks)
 
   c.pruning = pruning.default_config()
@@ -86,7 +86,7 @@ def get_lm_config(cell: str, corpus: str, variant: str | None) -> ml_collections
     c.model.output_dropout = 0.3
     c.model.dropconnect = 0.3
     c.optim.learning_rate = 2e-3
-    c.optim.epochs = 4
-    c.optim.cosine_start_epoch = 1
+    c.optim.epochs = 2.0
+    c.optim.cosine_start_epoch = 1.0
     c.train.checkpoint_every_steps = 200
   return c
