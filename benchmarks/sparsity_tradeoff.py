@@ -1,6 +1,6 @@
 """Activity x weight sparsity trade-off on PTB: validation perplexity against effective MACs per token.
 
-  python benchmarks/sparsity_tradeoff.py --workdir=runs/sparsity            # CPU scale (hours here)
+  python benchmarks/sparsity_tradeoff.py --workdir=runs/sparsity            # CPU scale (about an hour here)
   python benchmarks/sparsity_tradeoff.py --workdir=runs/sparsity_quick --quick   # minutes
   python benchmarks/sparsity_tradeoff.py --workdir=runs/sparsity_ref --variant=reference \
       --dense_epochs=1000 --finetune_epochs=100                                 # reference scale (GPU)
@@ -26,8 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for all runs and the out
 _CELLS = flags.DEFINE_list("cells", ["egru", "gru", "lstm"], "Models to compare.")
 _SPARSITIES = flags.DEFINE_list("sparsities", ["0", "50", "80", "90", "95"], "Weight sparsities in percent.")
 _VARIANT = flags.DEFINE_enum("variant", "cpu", ["cpu", "reference"], "Config variant of every model.")
-_DENSE_EPOCHS = flags.DEFINE_float("dense_epochs", 2.0, "Epochs of dense training.")
-_FINETUNE_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.25, "Epochs of fine-tuning at each sparsity.")
+_DENSE_EPOCHS = flags.DEFINE_float("dense_epochs", 1.0, "Epochs of dense training.")
+_FINETUNE_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.1, "Epochs of fine-tuning at each sparsity.")
 _QUICK = flags.DEFINE_bool("quick", False, "A tiny model and a few steps per run: checks the pipeline in minutes.")
 _DATA_ROOT = flags.DEFINE_string("data_root", "", "Data root (default $JAXDATA_ROOT).")
 

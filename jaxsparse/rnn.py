@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsparse import cells
+from jaxsparse.recurrence import scan_cell
 from jaxsparse.events import Threshold, init_thresholds
 
 LayerStats = dict[str, jax.Array]
@@ -85,12 +86,8 @@ class RecurrentLayer(nnx.Module):
       step = functools.partial(step, gamma=self.gamma, eps=self.eps)
     params = self.step_params(recurrent_mask)
     projected = inputs @ self.W[...] + self.b_W[...]
-
-    def scan_body(carry: cells.Carry, projected_input: jax.Array):
-      carry, output, stats = step(params, carry, projected_input)
-      return carry, (output, stats)
-
-    carry, (outputs, stats) = jax.lax.scan(scan_body, carry, projected)
+    recurrent = params.pop("R")
+    carry, (outputs, stats) = scan_cell(step, recurrent, params, carry, projected)
     return outputs, carry, {name: jnp.mean(values) for name, values in stats.items()}
 
 

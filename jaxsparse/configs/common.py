@@ -86,7 +86,7 @@ def get_lm_config(cell: str, corpus: str, variant: str | None) -> ml_collections
     c.model.output_dropout = 0.3
     c.model.dropconnect = 0.3
     c.optim.learning_rate = 2e-3
-    c.optim.epochs = 2.0
-    c.optim.cosine_start_epoch = 1.0
+    c.optim.epochs = 1.0
+    c.optim.cosine_start_epoch = 0.5
     c.train.checkpoint_every_steps = 200
   return c
