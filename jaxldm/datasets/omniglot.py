@@ -31,6 +31,7 @@ from etils import epath
 from PIL import Image
 
 from jaxldm.datasets.episodes import FewShotSplit
+from jaxldm.datasets import tfds_cache
 from trainkit import data_root as data_root_lib
 
 ARCHIVES = {
@@ -157,14 +158,6 @@ class OmniglotFewShot(tfds.core.GeneratorBasedBuilder):
         archive.close()
 
 
-def default_tfds_dir(data_root: str | os.PathLike | None = None) -> Path:
-  """`<data root>/tfds` where the data root is writable, else ~/.cache/jaxdata/tfds."""
-  root = data_root_lib.resolve(data_root)
-  if os.access(root, os.W_OK):
-    return root / "tfds"
-  return data_root_lib.DEFAULT_ROOT / "tfds"
-
-
 def config_for(image_size: int) -> OmniglotConfig:
   for config in OmniglotFewShot.BUILDER_CONFIGS:
     if config.image_size == image_size:
@@ -174,9 +167,10 @@ def config_for(image_size: int) -> OmniglotConfig:
 
 def builder(data_root: str | os.PathLike | None = None, image_size: int = 48,
             tfds_dir: str | os.PathLike | None = None, download: bool = False) -> OmniglotFewShot:
-  """The builder reading `<data root>/omniglot/`, its TFDS files under `tfds_dir` (default: see above)."""
+  """The builder reading `<data root>/omniglot/`, its TFDS files under `tfds_dir` (default:
+  `tfds_cache.default_tfds_dir()`)."""
   root = data_root_lib.resolve(data_root)
-  return OmniglotFewShot(config=config_for(image_size), data_dir=str(tfds_dir or default_tfds_dir(root)),
+  return OmniglotFewShot(config=config_for(image_size), data_dir=str(tfds_dir or tfds_cache.default_tfds_dir()),
                          file_format="array_record", archive_dir=root / "omniglot", download=download)
 
 
@@ -186,6 +180,6 @@ def load_omniglot(data_root: str | os.PathLike | None = None, split: str = "trai
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
   omniglot = builder(data_root, image_size, tfds_dir, download)
-  omniglot.download_and_prepare()
+  tfds_cache.prepare(omniglot)
   source = omniglot.as_data_source(split=split)
   return FewShotSplit.from_categories(source.__getitems__(range(len(source))), max_value=1)

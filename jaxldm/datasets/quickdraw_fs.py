@@ -24,7 +24,7 @@ from etils import epath
 from PIL import Image
 
 from jaxldm.datasets.episodes import FewShotSplit
-from jaxldm.datasets.omniglot import default_tfds_dir
+from jaxldm.datasets import tfds_cache
 from jaxldm.datasets.rasterise import rasterise
 from trainkit import data_root as data_root_lib
 
@@ -165,7 +165,7 @@ def builder(data_root: str | os.PathLike | None = None, source: str = "strokes",
   files = category_files(root / "quickdraw" / SOURCES[source][0], source)
   config = QuickDrawConfig(source=source, image_size=image_size, drawings_per_category=drawings_per_category,
                            test_fraction=test_fraction, files=files)
-  return QuickDrawFewShot(config=config, data_dir=str(tfds_dir or default_tfds_dir(root)),
+  return QuickDrawFewShot(config=config, data_dir=str(tfds_dir or tfds_cache.default_tfds_dir()),
                           file_format="array_record")
 
 
@@ -177,6 +177,6 @@ def load_quickdraw_fs(data_root: str | os.PathLike | None = None, split: str = "
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
   quickdraw = builder(data_root, source, image_size, drawings_per_category, test_fraction, tfds_dir)
-  quickdraw.download_and_prepare()
+  tfds_cache.prepare(quickdraw)
   data_source = quickdraw.as_data_source(split=split)
   return FewShotSplit.from_categories(data_source.__getitems__(range(len(data_source))), max_value=255)
