@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 matplotlib.use("Agg")
@@ -227,6 +227,7 @@ def importance_panel(path: Path, exemplars: np.ndarray, maps: dict[str, np.ndarr
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
   quick = _QUICK.value
   categories = 20 if quick and _CATEGORIES.value == 150 else _CATEGORIES.value
   num_bins = 5 if quick and _NUM_BINS.value == 10 else _NUM_BINS.value

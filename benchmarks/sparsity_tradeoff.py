@@ -152,8 +152,9 @@ def main(argv):
         results = run(finetune_config(cell, sparsity, dense_dir), workdir / cell / f"sparsity{percent}")
       rows.append(summarise(cell, sparsity, results))
       print(json.dumps(rows[-1]), flush=True)
+      write_table(rows, workdir / "tradeoff.md")
+      write_plot(rows, workdir / "tradeoff.png")
   print(write_table(rows, workdir / "tradeoff.md"))
-  write_plot(rows, workdir / "tradeoff.png")
   print(f"wrote {workdir / 'tradeoff.md'} and {workdir / 'tradeoff.png'}")
 
 

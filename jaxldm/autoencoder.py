@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxldm.strided_conv import DownConv, UpConv
+
 Bottleneck = Literal["deterministic", "gaussian", "quantised"]
 BOTTLENECKS: tuple[str, ...] = ("deterministic", "gaussian", "quantised")
 
@@ -61,8 +63,7 @@ class Encoder(nnx.Module):
   def __init__(self, latent_dim: int, *, gaussian: bool = False, rngs: nnx.Rngs):
     in_channels = (1,) + ENCODER_CHANNELS[:-1]
     self.convs = nnx.List([
-        nnx.Conv(c_in, c_out, (4, 4), strides=2, padding=((p, p), (p, p)), use_bias=False, rngs=rngs)
-        for c_in, c_out, p in zip(in_channels, ENCODER_CHANNELS, ENCODER_PADDINGS)
+        DownConv(c_in, c_out, p, rngs=rngs) for c_in, c_out, p in zip(in_channels, ENCODER_CHANNELS, ENCODER_PADDINGS)
     ])
     self.norms = nnx.List([
         nnx.BatchNorm(c, momentum=BATCH_NORM_MOMENTUM, rngs=rngs) for c in ENCODER_CHANNELS
@@ -90,8 +91,7 @@ class Decoder(nnx.Module):
     up_in = ENCODER_CHANNELS[::-1][:-1]
     up_out = ENCODER_CHANNELS[::-1][1:]
     self.up_convs = nnx.List([
-        nnx.ConvTranspose(c_in, c_out, (4, 4), strides=2, padding=((2, 2), (2, 2)), use_bias=False, rngs=rngs)
-        for c_in, c_out in zip(up_in, up_out)
+        UpConv(c_in, c_out, rngs=rngs) for c_in, c_out in zip(up_in, up_out)
     ])
     self.up_norms = nnx.List([nnx.BatchNorm(c, momentum=BATCH_NORM_MOMENTUM, rngs=rngs) for c in up_out])
     self.to_image = nnx.Conv(ENCODER_CHANNELS[0], 1, (4, 4), padding=((1, 2), (1, 2)), rngs=rngs)

@@ -1,15 +1,17 @@
 """Autoencoder training with any combination of latent losses (`config.latent_losses`, e.g. 'barlow:30,prototype:1').
 
-Episodes of (exemplar, variation) pairs of the training categories; the step is
-`latent_losses.make_train_step` (reconstruction + weighted latent losses, Adam with L2 weight decay, EMA target
-encoder when a loss needs one). At the end: the test split's reconstruction loss (deterministic encoder,
-batch-norm running statistics) and `reconstructions.png` (test exemplars above their reconstructions).
-`load_autoencoder(workdir)` gives a finished run's model to the latent diffusion trainer.
+Episodes of (exemplar, variation) pairs of the training categories; the step is `latent_losses.make_train_step`
+(reconstruction + weighted latent losses, Adam with L2 weight decay, EMA target encoder when a loss needs one).
+At the end: the reconstruction loss on the test split's first `eval_categories` categories (0 = all), with the
+deterministic encoder and batch-norm running statistics, and `reconstructions.png` (test drawings above their
+reconstructions). `load_autoencoder(workdir)` gives a finished run's model to the latent diffusion trainer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from jaxldm.datasets import episodes
 from trainkit.checkpoint import Checkpointer
 
 MODEL_FILE = "autoencoder.json"
-ENCODE_CHUNK = 500
+ENCODE_CHUNK = 128
 
 
 def build(latent_losses: str, latent_dim: int, num_classes: int, seed: int):
@@ -62,7 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          episodes.num_batches(train_split, batch_size), mesh)
   nnx.update((autoencoder, latent_losses), result.state["params"], result.state["batch_stats"])
   autoencoder.eval()
-  test = {"reconstruction_loss": test_reconstruction_loss(autoencoder, test_split)}
+  test = {"reconstruction_loss": evaluate_reconstruction(autoencoder, test_split, config.eval_categories)}
   result.writer.write(result.step, test, prefix="test/")
   grid = save_reconstruction_grid(workdir_path / "reconstructions.png", autoencoder, test_split,
                                   config.grid_categories)
@@ -73,35 +75,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
-def encoder_fn(autoencoder: Autoencoder):
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef: nnx.GraphDef, model_state: nnx.State, images: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, model_state).encode(images).code
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef: nnx.GraphDef, model_state: nnx.State, codes: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, model_state).decode(codes)
+
+
+def encoder_fn(autoencoder: Autoencoder) -> Callable[[jax.Array], jax.Array]:
   """A jitted deterministic encoder images [B, S, S, 1] -> codes [B, d] (evaluation mode: running statistics)."""
   autoencoder.eval()
   graphdef, model_state = nnx.split(autoencoder)
-  encode = jax.jit(lambda s, images: nnx.merge(graphdef, s).encode(images).code)
-  return lambda images: encode(model_state, images)
+  return lambda images: _encode(graphdef, model_state, images)
 
 
-def decoder_fn(autoencoder: Autoencoder):
+def decoder_fn(autoencoder: Autoencoder) -> Callable[[jax.Array], jax.Array]:
   """A jitted decoder codes [B, d] -> images [B, S, S, 1] (evaluation mode)."""
   autoencoder.eval()
   graphdef, model_state = nnx.split(autoencoder)
-  decode = jax.jit(lambda s, codes: nnx.merge(graphdef, s).decode(codes))
-  return lambda codes: decode(model_state, codes)
+  return lambda codes: _decode(graphdef, model_state, codes)
 
 
 def encode_images(autoencoder: Autoencoder, images: np.ndarray) -> np.ndarray:
-  """Codes [N, d] of float images [N, S, S, 1], in fixed-size chunks."""
+  """Codes [N, d] of float images [N, S, S, 1], in fixed-size chunks (one compilation)."""
   encode = encoder_fn(autoencoder)
   return sampling.in_chunks(lambda chunk, _: encode(chunk), images, ENCODE_CHUNK, jax.random.key(0))
 
 
-def test_reconstruction_loss(autoencoder: Autoencoder, split: episodes.FewShotSplit) -> float:
-  """Summed squared error per image over the whole split, deterministic encoder."""
+def reconstruct_images(autoencoder: Autoencoder, images: np.ndarray) -> np.ndarray:
+  """Deterministic reconstructions of float images [N, S, S, 1], in fixed-size chunks."""
   encode, decode = encoder_fn(autoencoder), decoder_fn(autoencoder)
+  return sampling.in_chunks(lambda chunk, _: decode(encode(chunk)), images, ENCODE_CHUNK, jax.random.key(0))
+
+
+def evaluate_reconstruction(autoencoder: Autoencoder, split: episodes.FewShotSplit, num_categories: int) -> float:
+  """Summed squared error per image over the drawings of the first `num_categories` categories (0 = all)."""
+  if num_categories > 0:
+    split = loop.first_categories(split, num_categories)
   images = split.as_float(split.images)
-  reconstructions = sampling.in_chunks(lambda chunk, _: decode(encode(chunk)), images, ENCODE_CHUNK,
-                                       jax.random.key(0))
-  return float(reconstruction_loss(jnp.asarray(images), jnp.asarray(reconstructions)))
+  return float(reconstruction_loss(jnp.asarray(images), jnp.asarray(reconstruct_images(autoencoder, images))))
 
 
 def save_reconstruction_grid(path: Path, autoencoder: Autoencoder, split: episodes.FewShotSplit,
@@ -111,8 +126,7 @@ def save_reconstruction_grid(path: Path, autoencoder: Autoencoder, split: episod
   starts = np.searchsorted(split.labels, categories)
   index = np.stack([starts + k for k in range(per_category)], axis=0)
   images = split.as_float(split.images[index.ravel()])
-  encode, decode = encoder_fn(autoencoder), decoder_fn(autoencoder)
-  reconstructions = np.asarray(decode(encode(images)))
+  reconstructions = reconstruct_images(autoencoder, images)
   shape = index.shape + images.shape[1:3]
   return sampling.save_sections(path, [images[..., 0].reshape(shape), reconstructions[..., 0].reshape(shape)])
 

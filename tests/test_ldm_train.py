@@ -51,6 +51,7 @@ def ae_config(data_root, spec="none", steps=STEPS):
   config.latent_losses = spec
   config.model.latent_dim = 16
   config.grid_categories = 3
+  config.eval_categories = 2
   return config
 
 
@@ -122,9 +123,9 @@ def test_latent_diffusion_samples_test_categories(ae_run, data_root, tmp_path):
 
 
 def test_pixel_diffusion_runs_and_samples(data_root, tmp_path):
-  config = tiny(pixel_configs.get_config("cpu"), data_root, steps=2)
+  config = tiny(pixel_configs.get_config("cpu"), data_root, steps=1)
   config.model.update(features=8, dim_mults=(1, 2), heads=1, head_dim=8)
-  config.diffusion.num_timesteps = 10
+  config.diffusion.num_timesteps = 4
   config.sample.update(sampler="ddpm", num_per_category=2, num_categories=2, batch_size=4)
   results = train.train_and_evaluate(config, str(tmp_path))
   assert all(np.isfinite(h["diffusion_loss"]) for h in results["history"])

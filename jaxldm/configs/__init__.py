@@ -27,7 +27,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "omniglot"  # one of DATASETS
   c.data.data_root = ""  # "" = --data_root, else $JAXDATA_ROOT, else ~/.cache/jaxdata
-  c.data.tfds_dir = ""  # "" = <data root>/tfds where writable, else ~/.cache/jaxdata/tfds
+  c.data.tfds_dir = ""  # "" = $JAXDATA_TFDS_DIR, else ~/.cache/jaxdata/tfds
   c.data.image_size = 48
   c.data.quickdraw_source = "strokes"  # quickdraw_fs only: 'strokes' (.ndjson) or 'bitmap' (.npy)
   c.data.drawings_per_category = 20  # quickdraw_fs only

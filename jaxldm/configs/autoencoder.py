@@ -22,8 +22,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.model.latent_dim = 0  # 0 = 64 (omniglot) / 128 (quickdraw_fs)
   c.optim.weight_decay = 1e-5
   c.grid_categories = 12  # test categories in the reconstruction grid
+  c.eval_categories = 0  # test categories of the final reconstruction loss; 0 = all 150
   if variant == "cpu":
-    c.optim.epochs = 3
+    c.optim.epochs = 1
+    c.optim.learning_rate = 1e-3
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 200
   return c

@@ -38,7 +38,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every_steps = 200
   c.sample = sample_config(guidance=1.0, num_per_category=20, variance="posterior")
   if variant == "cpu":
-    c.optim.epochs = 40
+    c.optim.epochs = 10
     c.optim.learning_rate = 1e-3
     c.optim.linear_decay = True
     c.train.log_every_steps = 230

@@ -1,0 +1,37 @@
+"""The dilation-free stride-2 convolutions equal Flax's strided and transposed convolutions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxldm.strided_conv import DownConv, UpConv
+
+
+@pytest.mark.parametrize("size,padding", [(48, 1), (24, 1), (12, 2), (7, 1)])
+def test_down_conv_equals_strided_conv(size, padding):
+  reference = nnx.Conv(3, 5, (4, 4), strides=2, padding=((padding, padding),) * 2, use_bias=False,
+                       rngs=nnx.Rngs(0))
+  ours = DownConv(3, 5, padding, rngs=nnx.Rngs(1))
+  ours.kernel.value = reference.kernel.value
+  x = jax.random.normal(jax.random.key(2), (2, size, size, 3))
+  np.testing.assert_allclose(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+  grad = lambda model: jax.grad(lambda x: jnp.sum(jnp.sin(model(x))))(x)
+  np.testing.assert_allclose(grad(ours), grad(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [3, 6, 12])
+def test_up_conv_equals_transposed_conv(size):
+  reference = nnx.ConvTranspose(4, 3, (4, 4), strides=2, padding=((2, 2), (2, 2)), use_bias=False,
+                                rngs=nnx.Rngs(0))
+  ours = UpConv(4, 3, rngs=nnx.Rngs(1))
+  ours.kernel.value = reference.kernel.value
+  x = jax.random.normal(jax.random.key(2), (2, size, size, 4))
+  assert ours(x).shape == (2, 2 * size, 2 * size, 3)
+  np.testing.assert_allclose(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+  kernel_grad = lambda fn: jax.grad(lambda k: jnp.sum(jnp.sin(fn(k))))(reference.kernel.value)
+  from jaxldm.strided_conv import up_conv
+  from jax import lax
+  flax_like = lambda k: lax.conv_transpose(x, k, (2, 2), ((2, 2), (2, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(kernel_grad(lambda k: up_conv(x, k)), kernel_grad(flax_like), rtol=1e-4, atol=1e-4)
