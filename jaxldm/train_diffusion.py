@@ -124,18 +124,8 @@ def _sharded_draw(mesh: jax.sharding.Mesh, fn: Callable[[jax.Array, jax.Array], 
 
 def latent_epoch_batches(latents: np.ndarray, split: episodes.FewShotSplit, batch_size: int, seed: int,
                          epoch: int, exemplar: str) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of {x0: variation latents, cond: exemplar latents}, in the order `episodes.epoch_batches` uses."""
-  rng = np.random.default_rng([seed, epoch])
-  order = rng.permutation(len(split.labels))
-  starts = np.searchsorted(split.labels, np.arange(split.num_categories))
-  counts = np.bincount(split.labels, minlength=split.num_categories)
-  for b in range(episodes.num_batches(split, batch_size)):
-    index = order[b * batch_size:(b + 1) * batch_size]
-    labels = split.labels[index]
-    if exemplar == "first":
-      exemplar_index = split.exemplar_index[labels]
-    else:
-      exemplar_index = starts[labels] + (rng.random(len(index)) * counts[labels]).astype(np.int64)
+  """One epoch of {x0: variation latents, cond: exemplar latents}, paired as `episodes.epoch_batches` pairs."""
+  for index, exemplar_index, _ in episodes.epoch_pairs(split, batch_size, seed, epoch, exemplar=exemplar):
     yield {"x0": latents[index], "cond": latents[exemplar_index]}
 
 

@@ -147,14 +147,10 @@ def num_batches(split: FewShotSplit, batch_size: int, drop_last: bool = True) ->
   return count // batch_size if drop_last else -(-count // batch_size)
 
 
-def epoch_batches(split: FewShotSplit, batch_size: int, seed: int, epoch: int = 0, *,
-                  exemplar: str = "first", augment: bool = False,
-                  drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of batches: every drawing once in a seeded random order, each with an exemplar of its category.
-
-  Yields dicts with `exemplar` and `variation` float32 [B, S, S, 1] in [0, 1] and `label` int32 [B]. The
-  same (seed, epoch) gives the same batches.
-  """
+def epoch_pairs(split: FewShotSplit, batch_size: int, seed: int, epoch: int = 0, *, exemplar: str = "first",
+                drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.random.Generator]]:
+  """One epoch of (variation indices, exemplar indices, rng) per batch: every drawing once in a seeded random
+  order, each paired with an exemplar of its category. The rng is the epoch's, for further per-batch draws."""
   if exemplar not in EXEMPLAR_MODES:
     raise ValueError(f"exemplar must be one of {EXEMPLAR_MODES}; got {exemplar!r}.")
   if batch_size < 1:
@@ -170,11 +166,24 @@ def epoch_batches(split: FewShotSplit, batch_size: int, seed: int, epoch: int = 
       exemplar_index = split.exemplar_index[labels]
     else:
       exemplar_index = starts[labels] + (rng.random(len(index)) * counts[labels]).astype(np.int64)
+    yield index, exemplar_index, rng
+
+
+def epoch_batches(split: FewShotSplit, batch_size: int, seed: int, epoch: int = 0, *,
+                  exemplar: str = "first", augment: bool = False,
+                  drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
+  """One epoch of batches (pairs from `epoch_pairs`).
+
+  Yields dicts with `exemplar` and `variation` float32 [B, S, S, 1] in [0, 1] and `label` int32 [B]. The
+  same (seed, epoch) gives the same batches.
+  """
+  for index, exemplar_index, rng in epoch_pairs(split, batch_size, seed, epoch, exemplar=exemplar,
+                                                drop_last=drop_last):
     exemplars, variations = split.images[exemplar_index], split.images[index]
     if augment:
       exemplars, variations, _ = augment_class(exemplars, variations, rng)
     yield {"exemplar": split.as_float(exemplars), "variation": split.as_float(variations),
-           "label": labels.astype(np.int32)}
+           "label": split.labels[index].astype(np.int32)}
 
 
 def batches(split: FewShotSplit, batch_size: int, seed: int, **kwargs) -> Iterator[dict[str, np.ndarray]]:
