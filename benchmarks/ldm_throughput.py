@@ -118,18 +118,23 @@ def pixel_rows(repeats: int) -> dict[str, tuple[float, float]]:
                                                 max(1, repeats // 2))}
 
 
-def main(argv):
-  del argv
-  rows = {**autoencoder_rows(_REPEATS.value), **latent_rows(_REPEATS.value)}
-  if not _SKIP_PIXEL.value:
-    rows.update(pixel_rows(_REPEATS.value))
-  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {jax.device_count()} device(s), batch {BATCH}")
-  print(f"{'row':44s} {'images/s':>10s} {'ms/image':>10s} {'reference':>10s} {'ratio':>7s} {'GFLOP/image':>12s}")
+def print_rows(rows: dict[str, tuple[float, float]]) -> None:
   for name, (rate, flops) in rows.items():
     reference = REFERENCE[name]
     ratio = f"{rate / reference:7.2f}" if reference else f"{'-':>7s}"
     ref_text = f"{reference:10.1f}" if reference else f"{'-':>10s}"
-    print(f"{name:44s} {rate:10.1f} {1000 / rate:10.3f} {ref_text} {ratio} {flops / 1e9:12.4f}")
+    print(f"{name:44s} {rate:10.1f} {1000 / rate:10.3f} {ref_text} {ratio} {flops / 1e9:12.4f}", flush=True)
+
+
+def main(argv):
+  del argv
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {jax.device_count()} device(s), batch {BATCH}")
+  print(f"{'row':44s} {'images/s':>10s} {'ms/image':>10s} {'reference':>10s} {'ratio':>7s} {'GFLOP/image':>12s}",
+        flush=True)
+  print_rows(latent_rows(_REPEATS.value))
+  print_rows(autoencoder_rows(_REPEATS.value))
+  if not _SKIP_PIXEL.value:
+    print_rows(pixel_rows(_REPEATS.value))
   print("goal: ratio >= 1.5 (1.5x the reference PyTorch implementation)")
 
 
