@@ -95,10 +95,10 @@ def diffusion_optimizer() -> optax.GradientTransformation:
 def latent_rows(repeats: int) -> dict[str, tuple[float, float]]:
   denoiser = LatentUNet(LATENT, dim=64, dim_mults=(1, 2), rngs=rngs())
   schedule = diffusion.make_schedule("scaled_linear", 1000)
+  params = jax.tree.map(jnp.copy, nnx.state(denoiser, nnx.Param))  # the train step donates the module's arrays
   state, step = make_train_step(denoiser, diffusion_optimizer(), schedule, 0.1)
   latents = jax.random.normal(jax.random.key(2), (2, BATCH, LATENT))
   rows = {"latent denoiser step": bench_step(state, step, {"x0": latents[0], "cond": latents[1]}, repeats)}
-  params = nnx.state(denoiser, nnx.Param)
   for name, sampler_name, steps in (("DDPM 1000", "ddpm", 1000), ("DDIM 50", "ddim", 50)):
     sample = ml_collections.ConfigDict(dict(sampler=sampler_name, ddim_steps=steps, ddim_eta=0.0, guidance=1.0,
                                             variance="posterior"))
