@@ -13,12 +13,14 @@ one resumes if interrupted. Writes `tradeoff.md` (table) and `tradeoff.png` (plo
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import ml_collections
 from absl import app, flags
 
+from jaxsparse import corpora
 from jaxsparse import train as lm_train
 from jaxsparse.configs.common import get_lm_config
 
@@ -55,6 +57,13 @@ def dense_config(cell: str) -> ml_collections.ConfigDict:
   return config
 
 
+@functools.cache
+def windows_per_epoch(batch_size: int, bptt: int) -> int:
+  """BPTT windows in one epoch of PTB's training split (read once for all fine-tuning runs)."""
+  corpus = corpora.load_corpus("ptb", _DATA_ROOT.value or None)
+  return len(corpus.train) // batch_size // bptt
+
+
 def finetune_config(cell: str, sparsity: float, dense_workdir: Path) -> ml_collections.ConfigDict:
   config = base_config(cell)
   config.train.init_from = str(dense_workdir)
@@ -64,10 +73,7 @@ def finetune_config(cell: str, sparsity: float, dense_workdir: Path) -> ml_colle
     config.optim.max_steps = 30
     steps = 30
   else:
-    from jaxsparse import corpora
-    corpus = corpora.load_corpus("ptb", _DATA_ROOT.value or None)
-    windows = len(corpus.train) // config.data.batch_size // config.data.bptt
-    steps = int(_FINETUNE_EPOCHS.value * windows)
+    steps = int(_FINETUNE_EPOCHS.value * windows_per_epoch(config.data.batch_size, config.data.bptt))
   frequency = max(1, steps // 20)
   config.pruning.method = "gradual"
   config.pruning.target_sparsity = sparsity

@@ -37,13 +37,17 @@ def scan_cell(step: Step, recurrent: jax.Array, others: dict, carry: Any, projec
   The carry's first field must be the output fed back through `R` (EGRU y, GRU/LSTM h).
   Returns (final carry, (outputs [T, B, H], per-step stats)), like `lax.scan`.
   """
-  return _scan(step, recurrent, others, carry, projected, jnp.zeros(projected.shape[:2] + recurrent.shape[1:2],
-                                                                     projected.dtype))
+  return _scan(step, recurrent, others, carry, projected, _zero_offsets(projected, recurrent))
+
+
+def _zero_offsets(projected: jax.Array, recurrent: jax.Array) -> jax.Array:
+  """[T, B, G*H] zeros added to the recurrent pre-activation; their cotangents are the stacked dRh_t."""
+  return jnp.zeros(projected.shape[:2] + recurrent.shape[1:2], projected.dtype)
 
 
 def _scan_cell_fwd(step, recurrent, others, carry, projected):
-  offsets = jnp.zeros(projected.shape[:2] + recurrent.shape[1:2], projected.dtype)
-  result, pullback = jax.vjp(functools.partial(_scan, step, recurrent), others, carry, projected, offsets)
+  result, pullback = jax.vjp(functools.partial(_scan, step, recurrent), others, carry, projected,
+                             _zero_offsets(projected, recurrent))
   _, (outputs, _) = result
   previous_outputs = jnp.concatenate([carry[0][None], outputs[:-1]], axis=0)
   return result, (pullback, previous_outputs)
