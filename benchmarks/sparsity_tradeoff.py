@@ -9,6 +9,9 @@ For each cell (LSTM, GRU, EGRU) it trains a dense model (or reuses the one in it
 copy at each weight sparsity with gradual magnitude pruning (Zhu & Gupta schedule over the first half of the
 fine-tuning, layer-wise ranking of the W and R matrices). Every run is an ordinary `train.py` run, so each
 one resumes if interrupted. Writes `tradeoff.md` (table) and `tradeoff.png` (plot) into the workdir.
+
+With `--egru_from_gru` (default) the dense EGRU starts from the dense GRU's checkpoint (same W, R and biases;
+`--config.train.init_from`), as a deep EGRU trained from scratch stays on the unigram plateau for many epochs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ _DENSE_EPOCHS = flags.DEFINE_float("dense_epochs", 1.0, "Epochs of dense trainin
 _FINETUNE_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.1, "Epochs of fine-tuning at each sparsity.")
 _QUICK = flags.DEFINE_bool("quick", False, "A tiny model and a few steps per run: checks the pipeline in minutes.")
 _DATA_ROOT = flags.DEFINE_string("data_root", "", "Data root (default $JAXDATA_ROOT).")
+_EGRU_FROM_GRU = flags.DEFINE_bool("egru_from_gru", True, "Start the dense EGRU from the dense GRU's checkpoint.")
+_FROM_GRU_LEARNING_RATE = flags.DEFINE_float("from_gru_learning_rate", 1e-3,
+                                              "Learning rate of the EGRU started from the GRU.")
 
 
 def base_config(cell: str) -> ml_collections.ConfigDict:
@@ -48,10 +54,13 @@ def base_config(cell: str) -> ml_collections.ConfigDict:
   return config
 
 
-def dense_config(cell: str) -> ml_collections.ConfigDict:
+def dense_config(cell: str, workdir: Path) -> ml_collections.ConfigDict:
   config = base_config(cell)
   config.optim.epochs = _DENSE_EPOCHS.value
   config.optim.cosine_start_epoch = _DENSE_EPOCHS.value / 2
+  if cell == "egru" and _EGRU_FROM_GRU.value:
+    config.train.init_from = str(workdir / "gru" / "dense")
+    config.optim.learning_rate = _FROM_GRU_LEARNING_RATE.value
   if _QUICK.value:
     config.optim.max_steps = 60
   return config
@@ -147,9 +156,15 @@ def main(argv):
   del argv
   workdir = Path(_WORKDIR.value)
   rows = []
-  for cell in _CELLS.value:
+  cells = list(_CELLS.value)
+  if _EGRU_FROM_GRU.value and "egru" in cells:
+    if "gru" not in cells:
+      raise app.UsageError("--egru_from_gru needs the gru in --cells (or pass --noegru_from_gru).")
+    cells.remove("egru")
+    cells.insert(cells.index("gru") + 1, "egru")  # the EGRU starts from the GRU's dense run
+  for cell in cells:
     dense_dir = workdir / cell / "dense"
-    dense = run(dense_config(cell), dense_dir)
+    dense = run(dense_config(cell, workdir), dense_dir)
     for percent in _SPARSITIES.value:
       sparsity = float(percent) / 100
       if sparsity == 0:

@@ -17,6 +17,7 @@ Batch-norm running statistics live in `nnx.BatchStat` variables: a train step sp
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import flax.struct
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxldm.strided_conv import DownConv, UpConv
+from jaxldm.strided_conv import DownConv, SingleChannelConv, UpConv
 
 Bottleneck = Literal["deterministic", "gaussian", "quantised"]
 BOTTLENECKS: tuple[str, ...] = ("deterministic", "gaussian", "quantised")
@@ -37,6 +38,73 @@ DECODER_START_SIZE = 6
 BATCH_NORM_MOMENTUM = 0.9  # PyTorch's momentum 0.1 written the Flax way.
 VQ_WORD_SIZE = 4
 VQ_CODEBOOK_SIZE = 512
+
+
+def _normalised(x: jax.Array, mean: jax.Array, inv_std: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  return (x - mean) * (inv_std * scale) + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                    epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """relu(batch norm of `x` [..., C] with batch statistics) and those statistics (mean, biased variance).
+
+  The same values and gradients as `relu(nnx.BatchNorm(...)(x))` in training mode. The hand-written backward
+  pass makes two passes over `x` and the output gradient (the two per-channel sums, then the input gradient):
+  13 ms instead of XLA's derived 57 ms fwd+bwd for [128, 48, 48, 16] on one core here.
+  """
+  return _batch_norm_relu_forward(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_relu_forward(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean), 0.0)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  out = (jax.nn.relu(_normalised(x, mean, inv_std, scale, bias)), mean, var)
+  return out, (x, mean, inv_std, scale, bias)
+
+
+def _batch_norm_relu_backward(epsilon, residuals, cotangents):
+  del epsilon  # folded into inv_std by the forward pass
+  x, mean, inv_std, scale, bias = residuals
+  grad_out, grad_mean, grad_var = cotangents
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  normalised = (x - mean) * inv_std
+  grad_pre = jnp.where(_normalised(x, mean, inv_std, scale, bias) > 0, grad_out, 0.0)
+  grad_bias = jnp.sum(grad_pre, axis=axes)
+  grad_scale = jnp.sum(grad_pre * normalised, axis=axes)
+  grad_x = (scale * inv_std) * (grad_pre - (grad_bias + normalised * grad_scale) / count)
+  grad_x = grad_x + (grad_mean + 2.0 * grad_var * (x - mean)) / count
+  return grad_x, grad_scale, grad_bias
+
+
+batch_norm_relu.defvjp(_batch_norm_relu_forward, _batch_norm_relu_backward)
+
+
+class BatchNormReLU(nnx.Module):
+  """`relu(nnx.BatchNorm(num_features, momentum=momentum)(x))` through `batch_norm_relu`: the same variables
+  (scale, bias, running mean and var) and the same train/eval switch (`use_running_average`, set by `.eval()`)."""
+
+  def __init__(self, num_features: int, *, momentum: float = BATCH_NORM_MOMENTUM, epsilon: float = 1e-5,
+               rngs: nnx.Rngs):
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.scale = nnx.Param(nnx.initializers.ones_init()(rngs.params(), (num_features,)))
+    self.bias = nnx.Param(nnx.initializers.zeros_init()(rngs.params(), (num_features,)))
+    self.use_running_average = False
+    self.momentum = momentum
+    self.epsilon = epsilon
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.use_running_average:
+      inv_std = jax.lax.rsqrt(self.var[...] + self.epsilon)
+      return jax.nn.relu(_normalised(x, self.mean[...], inv_std, self.scale[...], self.bias[...]))
+    out, mean, var = batch_norm_relu(x, self.scale[...], self.bias[...], self.epsilon)
+    self.mean[...] = self.momentum * self.mean[...] + (1.0 - self.momentum) * jax.lax.stop_gradient(mean)
+    self.var[...] = self.momentum * self.var[...] + (1.0 - self.momentum) * jax.lax.stop_gradient(var)
+    return out
 
 
 @flax.struct.dataclass
@@ -65,9 +133,7 @@ class Encoder(nnx.Module):
     self.convs = nnx.List([
         DownConv(c_in, c_out, p, rngs=rngs) for c_in, c_out, p in zip(in_channels, ENCODER_CHANNELS, ENCODER_PADDINGS)
     ])
-    self.norms = nnx.List([
-        nnx.BatchNorm(c, momentum=BATCH_NORM_MOMENTUM, rngs=rngs) for c in ENCODER_CHANNELS
-    ])
+    self.norms = nnx.List([BatchNormReLU(c, rngs=rngs) for c in ENCODER_CHANNELS])
     features = ENCODER_CHANNELS[-1] * FEATURE_SIZE * FEATURE_SIZE
     self.to_mean = nnx.Linear(features, latent_dim, rngs=rngs)
     self.to_logvar = nnx.Linear(features, latent_dim, rngs=rngs) if gaussian else None
@@ -75,7 +141,7 @@ class Encoder(nnx.Module):
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     h = images
     for conv, norm in zip(self.convs, self.norms):
-      h = jax.nn.relu(norm(conv(h)))
+      h = norm(conv(h))
     h = h.reshape(h.shape[0], -1)
     logvar = self.to_logvar(h) if self.to_logvar is not None else None
     return self.to_mean(h), logvar
@@ -87,20 +153,20 @@ class Decoder(nnx.Module):
   def __init__(self, latent_dim: int, *, rngs: nnx.Rngs):
     top = ENCODER_CHANNELS[-1]
     self.to_grid = nnx.Linear(latent_dim, DECODER_START_SIZE ** 2 * top, use_bias=False, rngs=rngs)
-    self.grid_norm = nnx.BatchNorm(top, momentum=BATCH_NORM_MOMENTUM, rngs=rngs)
+    self.grid_norm = BatchNormReLU(top, rngs=rngs)
     up_in = ENCODER_CHANNELS[::-1][:-1]
     up_out = ENCODER_CHANNELS[::-1][1:]
     self.up_convs = nnx.List([
         UpConv(c_in, c_out, rngs=rngs) for c_in, c_out in zip(up_in, up_out)
     ])
-    self.up_norms = nnx.List([nnx.BatchNorm(c, momentum=BATCH_NORM_MOMENTUM, rngs=rngs) for c in up_out])
-    self.to_image = nnx.Conv(ENCODER_CHANNELS[0], 1, (4, 4), padding=((1, 2), (1, 2)), rngs=rngs)
+    self.up_norms = nnx.List([BatchNormReLU(c, rngs=rngs) for c in up_out])
+    self.to_image = SingleChannelConv(ENCODER_CHANNELS[0], (1, 2), rngs=rngs)
 
   def __call__(self, latents: jax.Array) -> jax.Array:
     h = self.to_grid(latents).reshape(latents.shape[0], DECODER_START_SIZE, DECODER_START_SIZE, -1)
-    h = jax.nn.relu(self.grid_norm(h))
+    h = self.grid_norm(h)
     for conv, norm in zip(self.up_convs, self.up_norms):
-      h = jax.nn.relu(norm(conv(h)))
+      h = norm(conv(h))
     return jax.nn.sigmoid(self.to_image(h))
 
 

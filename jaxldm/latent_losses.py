@@ -350,7 +350,9 @@ def affine_warp(image: jax.Array, matrix: jax.Array, translation: jax.Array) -> 
   rows, cols = jnp.meshgrid(jnp.arange(height, dtype=image.dtype), jnp.arange(width, dtype=image.dtype),
                             indexing="ij")
   out = jnp.stack([rows.ravel(), cols.ravel()])
-  source = jnp.linalg.solve(matrix, out - (centre + translation)[:, None]) + centre[:, None]
+  (a, b), (c, d) = matrix
+  inverse = jnp.array([[d, -b], [-c, a]]) / (a * d - b * c)  # closed form: no LAPACK call inside the train step
+  source = inverse @ (out - (centre + translation)[:, None]) + centre[:, None]
 
   def warp_channel(channel: jax.Array) -> jax.Array:
     return jax.scipy.ndimage.map_coordinates(channel, list(source), order=1, mode="constant", cval=0.0)
@@ -398,6 +400,7 @@ def episode_loss(autoencoder: Autoencoder, latent_losses: LatentLosses, batch: M
   variation = batch["variation"]
   view_images = None
   if requires & {"view", "target_view"}:
+    variation = jax.lax.stop_gradient(variation)  # the views are data: no gradient through the warp
     view_images = random_affine(view_key, variation)
     variation = random_affine(augment_key, variation)
   encoding, reconstruction = autoencoder(variation, sample_key)

@@ -30,7 +30,8 @@ class LanguageModel(nnx.Module):
                rngs: nnx.Rngs, word_dropout: float = 0.1, embedding_dropout: float = 0.6,
                between_dropout: float = 0.25, output_dropout: float = 0.5, dropconnect: float = 0.7,
                carry_internal_state: bool = False, gamma: float = 3.6, eps: float = 3.6,
-               threshold_mean: float = 0.01, trainable_thresholds: bool = False, dtype: jnp.dtype = jnp.float32):
+               threshold_mean: float = 0.01, trainable_thresholds: bool = False, weight_init_gain: float = 1.0,
+               dtype: jnp.dtype = jnp.float32):
     cells.cell_spec(cell)
     hidden_sizes = tuple(hidden_sizes)
     if not hidden_sizes or hidden_sizes[-1] != embedding_size:
@@ -58,7 +59,7 @@ class LanguageModel(nnx.Module):
     self.output_bias = nnx.Param(jnp.zeros((vocab_size,), dtype))
     self.rnn = rnn.RecurrentStack(cell, embedding_size, hidden_sizes, rngs=rngs, gamma=gamma, eps=eps,
                                   threshold_mean=threshold_mean, trainable_thresholds=trainable_thresholds,
-                                  dtype=dtype)
+                                  weight_init_gain=weight_init_gain, dtype=dtype)
 
   def initial_carry(self, batch_size: int) -> LMCarry:
     return self.rnn.initial_carry(batch_size)

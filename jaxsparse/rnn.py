@@ -30,12 +30,13 @@ class RecurrentLayer(nnx.Module):
   Parameters: `W` (in, G*H), `R` (H, G*H), `b_W`, `b_R` (G*H,) with G gates in the order of `cells`, and for the
   EGRU the thresholds `theta` (H,) as a `Threshold` variable, used clipped to [0, 1]. Thresholds get no
   gradient unless `trainable_thresholds` (then a train loop must also differentiate `Threshold` variables).
-  `gamma` (dampening) and `eps` (support) shape the EGRU pseudo-derivative.
+  `gamma` (dampening) and `eps` (support) shape the EGRU pseudo-derivative. `W` and `R` are xavier-normal
+  scaled by `weight_init_gain` (the reference's `weight_init_gain`).
   """
 
   def __init__(self, cell: str, in_features: int, hidden_size: int, *, rngs: nnx.Rngs, gamma: float = 3.6,
                eps: float = 3.6, threshold_mean: float = 0.01, trainable_thresholds: bool = False,
-               dtype: jnp.dtype = jnp.float32):
+               weight_init_gain: float = 1.0, dtype: jnp.dtype = jnp.float32):
     spec = cells.cell_spec(cell)
     for name, size in (("in_features", in_features), ("hidden_size", hidden_size)):
       if not isinstance(size, int) or size <= 0:
@@ -49,7 +50,9 @@ class RecurrentLayer(nnx.Module):
     self.eps = float(eps)
     self.trainable_thresholds = trainable_thresholds
     width = spec.gates * hidden_size
-    xavier = nnx.initializers.xavier_normal()
+    if weight_init_gain <= 0:
+      raise ValueError(f"weight_init_gain={weight_init_gain!r} must be positive")
+    xavier = nnx.initializers.variance_scaling(weight_init_gain**2, "fan_avg", "normal")
     self.W = nnx.Param(xavier(rngs.params(), (in_features, width), dtype))
     self.R = nnx.Param(xavier(rngs.params(), (hidden_size, width), dtype))
     self.b_W = nnx.Param(jnp.zeros((width,), dtype))

@@ -97,12 +97,41 @@ class Trainer:
     return placed
 
   def start_from(self, state: TrainState, workdir: Path) -> TrainState:
-    """Fresh optimizer, carry and step around the parameters of another run's latest checkpoint."""
-    restored = Checkpointer(workdir / "checkpoints").restore_latest(state)
+    """Fresh optimizer, carry and step around the parameters of another run's latest checkpoint.
+
+    The other run may use another cell of the same parameter shapes: a GRU checkpoint starts an EGRU (same
+    W, R and biases; the EGRU keeps its own thresholds). Started so, the 3-layer EGRU learns at CPU scale,
+    where from scratch it stays on the unigram plateau (README).
+    """
+    source = self._source_trainer(workdir)
+    template = source.init_state() if source is not self else state
+    restored = Checkpointer(workdir / "checkpoints").restore_latest(template)
     if restored is None:
       raise FileNotFoundError(f"--config.train.init_from={workdir} holds no checkpoint in {workdir / 'checkpoints'}.")
-    trainable, frozen = restored[0]["trainable"], restored[0]["frozen"]
+    params = restored[0]["trainable"]["params"]
+    trainable = dict(state["trainable"], params=params)
+    frozen = restored[0]["frozen"] if source is self else state["frozen"]
+    if source is self and "thresholds" in restored[0]["trainable"]:
+      trainable["thresholds"] = restored[0]["trainable"]["thresholds"]
     return dict(state, trainable=trainable, frozen=frozen, opt_state=self.tx.init(trainable))
+
+  def _source_trainer(self, workdir: Path) -> "Trainer":
+    """`self`, or a trainer of the checkpoint's own cell when `workdir/config.json` names another one."""
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+      return self
+    source_model = json.loads(config_path.read_text())["model"]
+    if source_model["cell"] == self.config.model.cell:
+      return self
+    source_config = ml_collections.ConfigDict(self.config.to_dict())
+    source_config.model = ml_collections.ConfigDict({**self.config.model.to_dict(), **source_model})
+    source = Trainer(source_config, self._model.vocab_size, self.mesh)
+    ours = _param_shapes(self._initial["trainable"]["params"])
+    if ours != _param_shapes(source._initial["trainable"]["params"]):
+      raise ValueError(f"--config.train.init_from={workdir} holds a {source_model['cell']} model whose parameters "
+                       f"do not fit a {self.config.model.cell} of this config: only cells with the same number of "
+                       f"gates and the same sizes can start one another (a gru can start an egru).")
+    return source
 
   def model(self, trainable: Any, frozen: Any) -> LanguageModel:
     thresholds = trainable.get("thresholds", frozen.get("thresholds"))
@@ -115,7 +144,9 @@ class Trainer:
       model = self.model(trainable, state["frozen"])
       logits, carry, aux = model(inputs, state["carry"], key=key, train=True)
       nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
-      loss = nll + self.config.model.activity_regularization * aux["activity_regularizer"]
+      loss = nll
+      if self.config.model.activity_regularization:  # static: no backward pass through a zero-weight term
+        loss = loss + self.config.model.activity_regularization * aux["activity_regularizer"]
       return loss, (carry, nll, aux)
 
     (_, (carry, nll, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
@@ -162,6 +193,10 @@ class Trainer:
     if count_macs:
       out["macs"] = accounting.mac_report(tally, matrices)
     return out
+
+
+def _param_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def _layer_metrics(aux: dict) -> dict[str, jax.Array]:

@@ -1,4 +1,5 @@
-"""The 48x48 autoencoder: layer sizes, output range, bottlenecks, and a tiny run that learns."""
+"""The 48x48 autoencoder: layer sizes, output range, bottlenecks, the fused batch norm, and a tiny run that
+learns."""
 
 from __future__ import annotations
 
@@ -90,6 +91,44 @@ def test_quantised_bottleneck_outputs_codebook_words():
   codebook = np.asarray(quantised.quantiser.codebook[...])
   np.testing.assert_allclose(words, codebook[np.asarray(encoding.code_indices).ravel()], atol=1e-7)
   assert encoding.code_indices.shape == (2, 2)
+
+
+def test_batch_norm_relu_equals_flax_batch_norm_then_relu():
+  x = jax.random.normal(jax.random.key(0), (6, 5, 4, 3)) * 2.0 + 1.0
+  ours = ae_lib.BatchNormReLU(3, rngs=nnx.Rngs(0))
+  reference = nnx.BatchNorm(3, momentum=ae_lib.BATCH_NORM_MOMENTUM, rngs=nnx.Rngs(0))
+  for module in (ours, reference):
+    module.scale[...] = jnp.array([1.5, -0.5, 0.8])
+    module.bias[...] = jnp.array([0.1, 0.2, -0.3])
+  weights = jax.random.normal(jax.random.key(1), x.shape)
+  loss = lambda model, x: jnp.sum(weights * model(x) ** 2)
+  ours_grads = nnx.grad(loss, argnums=(0, 1))(ours, x)
+  reference_grads = nnx.grad(lambda m, x: loss(lambda h: jax.nn.relu(m(h)), x), argnums=(0, 1))(reference, x)
+  np.testing.assert_allclose(ours(x), jax.nn.relu(reference(x)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours_grads[1], reference_grads[1], rtol=1e-4, atol=1e-5)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(getattr(ours_grads[0], name)[...], getattr(reference_grads[0], name)[...],
+                               rtol=1e-4, atol=1e-5)
+  for name in ("mean", "var"):  # the running statistics moved alike (two training calls each)
+    np.testing.assert_allclose(getattr(ours, name)[...], getattr(reference, name)[...], rtol=1e-5, atol=1e-6)
+  ours.eval(), reference.eval()
+  np.testing.assert_allclose(ours(x), jax.nn.relu(reference(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_relu_statistics_carry_their_gradient():
+  x = jax.random.normal(jax.random.key(2), (7, 3)) + 0.5
+  scale, bias = jnp.array([1.0, 2.0, 0.5]), jnp.array([0.0, 0.3, -0.2])
+
+  def fused(x):
+    out, mean, var = ae_lib.batch_norm_relu(x, scale, bias, 1e-5)
+    return jnp.sum(jnp.sin(out)) + jnp.sum(mean * jnp.arange(3.0)) + jnp.sum(var ** 2)
+
+  def plain(x):
+    mean, var = jnp.mean(x, 0), jnp.var(x, 0)
+    out = jax.nn.relu((x - mean) / jnp.sqrt(var + 1e-5) * scale + bias)
+    return jnp.sum(jnp.sin(out)) + jnp.sum(mean * jnp.arange(3.0)) + jnp.sum(var ** 2)
+
+  np.testing.assert_allclose(jax.grad(fused)(x), jax.grad(plain)(x), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors(autoencoder):

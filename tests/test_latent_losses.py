@@ -290,6 +290,34 @@ def test_affine_warp_identity_shift_and_rotation():
   np.testing.assert_allclose(quarter_turn, np.rot90(np.asarray(image), 1), atol=1e-5)
 
 
+def _numpy_bilinear_warp(image, matrix, translation):
+  """Output pixel p samples input point matrix^-1 (p - centre - translation) + centre, bilinear, zero outside."""
+  height, width, _ = image.shape
+  centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
+  inverse = np.linalg.inv(matrix)
+  out = np.zeros_like(image)
+  for r in range(height):
+    for c in range(width):
+      sr, sc = inverse @ (np.array([r, c]) - centre - translation) + centre
+      r0, c0 = int(np.floor(sr)), int(np.floor(sc))
+      for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        rr, cc = r0 + dr, c0 + dc
+        if 0 <= rr < height and 0 <= cc < width:
+          out[r, c] += (1 - abs(sr - rr)) * (1 - abs(sc - cc)) * image[rr, cc]
+  return out
+
+
+def test_affine_warp_matches_a_numpy_bilinear_sampler():
+  rng = np.random.default_rng(0)
+  image = rng.uniform(size=(11, 8, 2)).astype(np.float32)
+  matrix = np.array([[0.9, 0.3], [-0.25, 1.2]])
+  translation = np.array([1.3, -0.6])
+  warped = ll.affine_warp(jnp.asarray(image), jnp.asarray(matrix, jnp.float32), jnp.asarray(translation, jnp.float32))
+  expected = _numpy_bilinear_warp(image.astype(np.float64), matrix, translation)
+  assert np.abs(expected).sum() > 0 and (expected == 0).any()  # the map moves ink across the border
+  np.testing.assert_allclose(warped, expected, atol=1e-5)
+
+
 def test_random_affine_is_jittable_keyed_and_bounded():
   images = jax.random.uniform(jax.random.key(0), (3, 48, 48, 1))
   augment = jax.jit(ll.random_affine)

@@ -169,3 +169,24 @@ def test_init_from_without_checkpoint_is_a_clear_error(data_root, tmp_path):
   config.train.init_from = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     lm_train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_gru_checkpoint_starts_an_egru_with_its_own_thresholds(data_root, ptb, tmp_path):
+  gru_config = tiny_config(data_root, cell="gru", max_steps=4)
+  lm_train.train_and_evaluate(gru_config, str(tmp_path / "gru"))
+  gru_state, _ = _final_params(tmp_path / "gru", gru_config, ptb.vocab_size)
+
+  config = tiny_config(data_root, cell="egru")
+  trainer = lm_train.Trainer(config, ptb.vocab_size, mesh_lib.make_data_mesh(1))
+  fresh = trainer.init_state()
+  started = trainer.start_from(fresh, tmp_path / "gru")
+  for a, b in zip(jax.tree.leaves(started["trainable"]["params"]), jax.tree.leaves(gru_state["trainable"]["params"])):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(started["frozen"]), jax.tree.leaves(fresh["frozen"])):
+    np.testing.assert_array_equal(a, b)
+  assert int(started["step"]) == 0
+
+  lstm_config = tiny_config(data_root, cell="lstm", max_steps=1)
+  lm_train.train_and_evaluate(lstm_config, str(tmp_path / "lstm"))
+  with pytest.raises(ValueError, match="a gru can start an egru"):
+    trainer.start_from(fresh, tmp_path / "lstm")

@@ -48,6 +48,7 @@ def get_lm_config(cell: str, corpus: str, variant: str | None) -> ml_collections
   c.model.dropconnect = 0.7
   c.model.threshold_mean = 0.01
   c.model.trainable_thresholds = False
+  c.model.weight_init_gain = 1.0
   c.model.gamma = 3.6  # pseudo-derivative dampening
   c.model.eps = 3.6  # pseudo-derivative support: nonzero for |c~ - theta| < 1 / eps
   c.model.carry_internal_state = False
