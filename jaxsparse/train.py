@@ -108,11 +108,11 @@ class Trainer:
     restored = Checkpointer(workdir / "checkpoints").restore_latest(template)
     if restored is None:
       raise FileNotFoundError(f"--config.train.init_from={workdir} holds no checkpoint in {workdir / 'checkpoints'}.")
-    params = restored[0]["trainable"]["params"]
-    trainable = dict(state["trainable"], params=params)
-    frozen = restored[0]["frozen"] if source is self else state["frozen"]
-    if source is self and "thresholds" in restored[0]["trainable"]:
-      trainable["thresholds"] = restored[0]["trainable"]["thresholds"]
+    if source is self:
+      trainable, frozen = restored[0]["trainable"], restored[0]["frozen"]
+    else:  # another cell: its parameters, this model's thresholds
+      trainable = dict(state["trainable"], params=restored[0]["trainable"]["params"])
+      frozen = state["frozen"]
     return dict(state, trainable=trainable, frozen=frozen, opt_state=self.tx.init(trainable))
 
   def _source_trainer(self, workdir: Path) -> "Trainer":

@@ -312,7 +312,8 @@ def test_affine_warp_matches_a_numpy_bilinear_sampler():
   image = rng.uniform(size=(11, 8, 2)).astype(np.float32)
   matrix = np.array([[0.9, 0.3], [-0.25, 1.2]])
   translation = np.array([1.3, -0.6])
-  warped = ll.affine_warp(jnp.asarray(image), jnp.asarray(matrix, jnp.float32), jnp.asarray(translation, jnp.float32))
+  warped = ll.affine_warp(jnp.asarray(image), jnp.asarray(matrix, jnp.float32),
+                          jnp.asarray(translation, jnp.float32))
   expected = _numpy_bilinear_warp(image.astype(np.float64), matrix, translation)
   assert np.abs(expected).sum() > 0 and (expected == 0).any()  # the map moves ink across the border
   np.testing.assert_allclose(warped, expected, atol=1e-5)
